@@ -1,0 +1,1 @@
+"""wallcrawler-controller: the daemon inside every Wallcrawler browser task."""

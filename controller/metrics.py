@@ -1,0 +1,200 @@
+"""Prometheus metrics around the controller's own registry, and the metrics/health HTTP endpoint.
+
+Names follow Prometheus conventions: one prefix (``wallcrawler_``), base units in names (seconds,
+bytes), ``_total`` on counters. Nothing here is registered in prometheus-client's global registry,
+so tests can build as many controllers as they like in one process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+from anyio.streams.buffered import BufferedByteReceiveStream
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from controller.logs import get_logger
+
+__all__ = ["Health", "Metrics", "serve_metrics"]
+
+log = get_logger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+SESSION_STATES = ("STARTING", "READY", "ACTIVE", "TERMINATING", "STOPPED", "FAILED")
+
+
+class Metrics:
+    """Every metric the controller exports, in one registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        p = "wallcrawler_"
+        # CDP proxy
+        self.cdp_connections_active = Gauge(
+            p + "cdp_connections_active", "CDP WebSocket connections currently relayed.", registry=r
+        )
+        self.cdp_connections_accepted = Counter(
+            p + "cdp_connections_accepted_total", "CDP WebSocket connections accepted.", registry=r
+        )
+        self.cdp_requests_rejected = Counter(
+            p + "cdp_requests_rejected_total",
+            "Proxy requests refused, by reason (auth reasons are prefixed auth_).",
+            ["reason"],
+            registry=r,
+        )
+        self.cdp_http_requests = Counter(
+            p + "cdp_http_requests_total", "Discovery and control HTTP requests answered.", ["endpoint"], registry=r
+        )
+        self.proxy_bytes = Counter(
+            p + "proxy_bytes_total", "Bytes relayed by the CDP proxy.", ["direction"], registry=r
+        )
+        self.cdp_messages = Counter(
+            p + "cdp_messages_total", "Complete WebSocket messages relayed.", ["direction"], registry=r
+        )
+        # Chromium
+        self.chrome_up = Gauge(p + "chrome_up", "1 while Chromium is usable.", registry=r)
+        self.chrome_start_seconds = Histogram(
+            p + "chrome_start_duration_seconds",
+            "Time from launch until Chromium answered CDP.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.chrome_restarts = Counter(p + "chrome_restarts_total", "Chromium restarts.", registry=r)
+        self.chrome_exits = Counter(
+            p + "chrome_unexpected_exits_total", "Chromium exits that nobody asked for.", registry=r
+        )
+        # Session item
+        self.session_state = Gauge(
+            p + "session_state", "1 for the session's current internal state.", ["state"], registry=r
+        )
+        self.heartbeats = Counter(p + "heartbeat_writes_total", "Heartbeats written.", registry=r)
+        self.heartbeat_failures = Counter(
+            p + "heartbeat_failures_total", "Heartbeats that could not be written.", registry=r
+        )
+        self.dynamodb_seconds = Histogram(
+            p + "dynamodb_request_duration_seconds",
+            "DynamoDB call latency, retries included.",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        # Profile (context) archive
+        self.profile_seconds = Histogram(
+            p + "profile_duration_seconds",
+            "Context restore and persist duration.",
+            ["operation"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.profile_bytes = Counter(
+            p + "profile_bytes_total", "Archive bytes downloaded or uploaded.", ["operation"], registry=r
+        )
+        self.profile_outcomes = Counter(
+            p + "profile_operations_total", "Context restores and persists by outcome.", ["operation", "outcome"],
+            registry=r,
+        )
+        # Task usage
+        self.task_cpu_percent = Gauge(
+            p + "task_cpu_usage_ratio", "Task CPU use since start, as a fraction of its allocation.", registry=r
+        )
+        self.task_memory_bytes = Gauge(p + "task_memory_peak_bytes", "Peak task memory use.", registry=r)
+        # Shutdown
+        self.shutdown_step_seconds = Gauge(
+            p + "shutdown_step_duration_seconds", "Duration of each shutdown step.", ["step"], registry=r
+        )
+        self.started_at = Gauge(p + "start_time_seconds", "Unix time the controller started.", registry=r)
+        self.started_at.set(time.time())
+
+    def set_state(self, state: str) -> None:
+        """Mark ``state`` as the session's current internal state."""
+        for candidate in SESSION_STATES:
+            self.session_state.labels(candidate).set(1 if candidate == state else 0)
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus's text format."""
+        return generate_latest(self.registry)
+
+
+class Health:
+    """Readiness as plain flags the app sets; the endpoint never calls Chromium per request."""
+
+    def __init__(self) -> None:
+        self.chrome_ready = False
+        self.proxy_listening = False
+        self.heartbeat_written = False
+        self.stopping = False
+
+    @property
+    def ready(self) -> bool:
+        """True when a client can use this session."""
+        return self.chrome_ready and self.proxy_listening and self.heartbeat_written and not self.stopping
+
+
+def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _handle(stream: anyio.abc.ByteStream, route: Callable[[str, str], bytes]) -> None:
+    async with stream:
+        try:
+            with anyio.fail_after(5):
+                head = await BufferedByteReceiveStream(stream).receive_until(b"\r\n\r\n", 8192)
+            method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+        except (anyio.IncompleteRead, anyio.DelimiterNotFound, TimeoutError, ValueError, OSError):
+            return
+        try:
+            await stream.send(route(method, target.split("?", 1)[0]))
+        except (anyio.BrokenResourceError, OSError):
+            return
+
+
+async def serve_metrics(
+    metrics: Metrics,
+    health: Health,
+    host: str,
+    port: int,
+    *,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``/metrics``, ``/livez`` and ``/readyz`` until cancelled.
+
+    Args:
+        metrics: whose registry ``/metrics`` exposes.
+        health: flags behind ``/readyz``.
+        host: address to listen on.
+        port: port to listen on (0 picks one).
+        task_status: receives the bound port once listening.
+    """
+
+    def route(method: str, path: str) -> bytes:
+        if method not in {"GET", "HEAD"}:
+            return _response("405 Method Not Allowed", b"method not allowed\n")
+        if path == "/metrics":
+            return _response("200 OK", metrics.exposition(), CONTENT_TYPE_LATEST)
+        if path in {"/livez", "/health", "/healthz"}:
+            return _response("200 OK", b"ok\n")
+        if path == "/readyz":
+            if health.ready:
+                return _response("200 OK", b"ready\n")
+            return _response("503 Service Unavailable", b"not ready\n")
+        return _response("404 Not Found", b"not found\n")
+
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+    async with listener:
+        bound = listener.extra(anyio.abc.SocketAttribute.local_port)
+        log.info("metrics_listening", port=bound)
+        task_status.started(bound)
+
+        async def handler(stream: anyio.abc.SocketStream) -> None:
+            await _handle(stream, route)
+
+        await listener.serve(handler)
