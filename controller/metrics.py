@@ -8,23 +8,65 @@ so tests can build as many controllers as they like in one process.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from controller.logs import get_logger
 
-__all__ = ["Health", "Metrics", "serve_metrics"]
+__all__ = ["Health", "Metrics", "Traffic", "serve_metrics"]
 
 log = get_logger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SESSION_STATES = ("STARTING", "READY", "ACTIVE", "TERMINATING", "STOPPED", "FAILED")
+
+
+class Traffic:
+    """What the CDP proxy relayed, as plain integers.
+
+    The relay adds to these on every chunk; Prometheus reads them only when scraped, so the hot path
+    pays for an integer addition, not a locked metric update.
+    """
+
+    __slots__ = ("bytes_from_browser", "bytes_to_browser", "messages_from_browser", "messages_to_browser")
+
+    def __init__(self) -> None:
+        self.bytes_to_browser = 0
+        self.bytes_from_browser = 0
+        self.messages_to_browser = 0
+        self.messages_from_browser = 0
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes relayed in both directions (the session item's ``proxyBytes``)."""
+        return self.bytes_to_browser + self.bytes_from_browser
+
+
+class _TrafficCollector(Collector):
+    def __init__(self, traffic: Traffic) -> None:
+        self._traffic = traffic
+
+    def collect(self) -> Iterable[Metric]:
+        t = self._traffic
+        relayed = CounterMetricFamily(
+            "wallcrawler_proxy_bytes", "Bytes relayed by the CDP proxy (WebSocket and HTTP).", labels=["direction"]
+        )
+        relayed.add_metric(["to_browser"], t.bytes_to_browser)
+        relayed.add_metric(["from_browser"], t.bytes_from_browser)
+        messages = CounterMetricFamily(
+            "wallcrawler_cdp_messages", "Complete WebSocket messages relayed.", labels=["direction"]
+        )
+        messages.add_metric(["to_browser"], t.messages_to_browser)
+        messages.add_metric(["from_browser"], t.messages_from_browser)
+        return [relayed, messages]
 
 
 class Metrics:
@@ -34,6 +76,8 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         p = "wallcrawler_"
+        self.traffic = Traffic()
+        r.register(_TrafficCollector(self.traffic))
         # CDP proxy
         self.cdp_connections_active = Gauge(
             p + "cdp_connections_active", "CDP WebSocket connections currently relayed.", registry=r
@@ -49,12 +93,6 @@ class Metrics:
         )
         self.cdp_http_requests = Counter(
             p + "cdp_http_requests_total", "Discovery and control HTTP requests answered.", ["endpoint"], registry=r
-        )
-        self.proxy_bytes = Counter(
-            p + "proxy_bytes_total", "Bytes relayed by the CDP proxy.", ["direction"], registry=r
-        )
-        self.cdp_messages = Counter(
-            p + "cdp_messages_total", "Complete WebSocket messages relayed.", ["direction"], registry=r
         )
         # Chromium
         self.chrome_up = Gauge(p + "chrome_up", "1 while Chromium is usable.", registry=r)
