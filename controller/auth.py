@@ -121,7 +121,7 @@ class TokenVerifier:
 
     def _decode(self, token: str) -> dict[str, Any]:
         # Times are checked by _check_times, strictly typed; PyJWT only checks signature, iss and aud.
-        options: dict[str, Any] = {
+        options: jwt.types.Options = {
             "require": list(_REQUIRED),
             "verify_exp": False,
             "verify_nbf": False,
@@ -193,7 +193,9 @@ async def fetch_signing_keys(client: SecretsManagerClient, secret_arn: str) -> l
             response = await client.get_secret_value(SecretId=secret_arn, VersionStage=stage)
         except client.exceptions.ResourceNotFoundException as exc:
             if stage == "AWSCURRENT":
-                raise ConfigError([f"WALLCRAWLER_JWT_SIGNING_SECRET_ARN: secret not found ({stage})"]) from exc
+                raise ConfigError(
+                    [f"WALLCRAWLER_JWT_SIGNING_SECRET_ARN: secret not found ({stage})"]
+                ) from exc
             continue
         try:
             key = _key_from_secret(response.get("SecretString", ""))

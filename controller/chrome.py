@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +25,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+from anyio.streams.memory import MemoryObjectSendStream
 from anyio.streams.text import TextReceiveStream
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import WebSocketException
@@ -119,7 +120,9 @@ class DevTools:
         return f"ws://127.0.0.1:{self.port}{self.browser_path}"
 
 
-async def cdp_call(url: str, method: str, params: dict[str, Any] | None = None, *, timeout: float) -> dict[str, Any]:
+async def cdp_call(
+    url: str, method: str, params: dict[str, Any] | None = None, *, timeout: float
+) -> dict[str, Any]:
     """Send one CDP command on a fresh connection and return its result.
 
     Raises:
@@ -128,7 +131,9 @@ async def cdp_call(url: str, method: str, params: dict[str, Any] | None = None, 
     message = json.dumps({"id": 1, "method": method, "params": params or {}})
     try:
         with anyio.fail_after(timeout):
-            async with ws_connect(url, compression=None, max_size=None, open_timeout=None, ping_interval=None) as ws:
+            async with ws_connect(
+                url, compression=None, max_size=None, open_timeout=None, ping_interval=None
+            ) as ws:
                 await ws.send(message)
                 async for raw in ws:
                     answer = json.loads(raw)
@@ -203,7 +208,8 @@ class Chrome:
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._shutdown_process()
-                await self._stack.aclose()
+            # Outside the shield: a task group's scope must be exited as the current one.
+            await self._stack.aclose()
             raise
 
     async def __aexit__(
@@ -211,7 +217,7 @@ class Chrome:
     ) -> None:
         with anyio.CancelScope(shield=True):
             await self.close()
-            await self._stack.aclose()
+        await self._stack.aclose()
 
     def _command(self) -> list[str]:
         switches = load_switches(self._config.config_dir)
@@ -241,7 +247,7 @@ class Chrome:
         self._process = process
         log.info("chrome_starting", pid=process.pid, binary=command[0])
         tg = await self._stack.enter_async_context(anyio.create_task_group())
-        listening: anyio.abc.ObjectSendStream[tuple[int, str]]
+        listening: MemoryObjectSendStream[tuple[int, str]]
         listening, announced = anyio.create_memory_object_stream[tuple[int, str]](1)
         tg.start_soon(self._read_stderr, listening)
         tg.start_soon(self._watch_exit)
@@ -263,7 +269,9 @@ class Chrome:
         elapsed = time.perf_counter() - started
         self._metrics.chrome_start_seconds.observe(elapsed)
         self._metrics.chrome_up.set(1)
-        log.info("chrome_ready", pid=process.pid, port=port, product=devtools.product, seconds=round(elapsed, 3))
+        log.info(
+            "chrome_ready", pid=process.pid, port=port, product=devtools.product, seconds=round(elapsed, 3)
+        )
         return devtools
 
     async def _check_usable(self, port: int, browser_path: str) -> DevTools:
@@ -273,7 +281,7 @@ class Chrome:
         version = await cdp_call(f"ws://127.0.0.1:{port}{browser_path}", "Browser.getVersion", timeout=5.0)
         return DevTools(port=port, browser_path=browser_path, product=str(version.get("product", "unknown")))
 
-    async def _read_stderr(self, listening: anyio.abc.ObjectSendStream[tuple[int, str]]) -> None:
+    async def _read_stderr(self, listening: MemoryObjectSendStream[tuple[int, str]]) -> None:
         assert self._process is not None and self._process.stderr is not None
         # Draining stderr for Chromium's whole life matters: a full pipe would block it.
         async with listening:
@@ -296,9 +304,15 @@ class Chrome:
         self._exited.set()
         if not self._closing:
             self._metrics.chrome_exits.inc()
-            log.error("chrome_exited_unexpectedly", code=code, stderr_tail=redact_text(" | ".join(self._stderr_tail)))
+            log.error(
+                "chrome_exited_unexpectedly",
+                code=code,
+                stderr_tail=redact_text(" | ".join(self._stderr_tail)),
+            )
 
-    async def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float = 5.0) -> dict[str, Any]:
+    async def call(
+        self, method: str, params: dict[str, Any] | None = None, *, timeout: float = 5.0
+    ) -> dict[str, Any]:
         """Send one CDP command to the browser target.
 
         Raises:
@@ -353,7 +367,5 @@ class Chrome:
 
     def _signal_group(self, sig: signal.Signals) -> None:
         assert self._process is not None
-        try:
+        with suppress(ProcessLookupError, PermissionError):
             os.killpg(self._process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass

@@ -227,7 +227,9 @@ def _context(reader: _Reader) -> ContextConfig | None:
     present = [name for name, value in values.items() if value is not None]
     if not present:
         if persist:
-            reader.problems.append("CONTEXT_PERSIST=true needs CONTEXTS_BUCKET_NAME, CONTEXT_ID, CONTEXT_S3_KEY")
+            reader.problems.append(
+                "CONTEXT_PERSIST=true needs CONTEXTS_BUCKET_NAME, CONTEXT_ID, CONTEXT_S3_KEY"
+            )
         return None
     if len(present) != len(names):
         missing = ", ".join(name for name in names if values[name] is None)
@@ -353,7 +355,11 @@ def load_config(env: Mapping[str, str]) -> Config:
         event_history_limit=r.integer("SESSION_EVENT_HISTORY_LIMIT", 50, low=1, high=500),
         log_level=log_level,
     )
-    ports = {"CDP_PROXY_PORT": proxy.port, "METRICS_PORT": config.metrics_port, "CHROME_DEBUG_PORT": chrome.debug_port}
+    ports = {
+        "CDP_PROXY_PORT": proxy.port,
+        "METRICS_PORT": config.metrics_port,
+        "CHROME_DEBUG_PORT": chrome.debug_port,
+    }
     fixed = [port for port in ports.values() if port != 0]
     if len(set(fixed)) != len(fixed):
         r.problems.append(f"{', '.join(ports)} must all differ (got {ports})")

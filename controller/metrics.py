@@ -15,8 +15,8 @@ import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 from controller.logs import get_logger
 
@@ -57,7 +57,9 @@ class _TrafficCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         t = self._traffic
         relayed = CounterMetricFamily(
-            "wallcrawler_proxy_bytes", "Bytes relayed by the CDP proxy (WebSocket and HTTP).", labels=["direction"]
+            "wallcrawler_proxy_bytes",
+            "Bytes relayed by the CDP proxy (WebSocket and HTTP).",
+            labels=["direction"],
         )
         relayed.add_metric(["to_browser"], t.bytes_to_browser)
         relayed.add_metric(["from_browser"], t.bytes_from_browser)
@@ -92,7 +94,10 @@ class Metrics:
             registry=r,
         )
         self.cdp_http_requests = Counter(
-            p + "cdp_http_requests_total", "Discovery and control HTTP requests answered.", ["endpoint"], registry=r
+            p + "cdp_http_requests_total",
+            "Discovery and control HTTP requests answered.",
+            ["endpoint"],
+            registry=r,
         )
         # Chromium
         self.chrome_up = Gauge(p + "chrome_up", "1 while Chromium is usable.", registry=r)
@@ -133,12 +138,16 @@ class Metrics:
             p + "profile_bytes_total", "Archive bytes downloaded or uploaded.", ["operation"], registry=r
         )
         self.profile_outcomes = Counter(
-            p + "profile_operations_total", "Context restores and persists by outcome.", ["operation", "outcome"],
+            p + "profile_operations_total",
+            "Context restores and persists by outcome.",
+            ["operation", "outcome"],
             registry=r,
         )
         # Task usage
         self.task_cpu_percent = Gauge(
-            p + "task_cpu_usage_ratio", "Task CPU use since start, as a fraction of its allocation.", registry=r
+            p + "task_cpu_usage_ratio",
+            "Task CPU use since start, as a fraction of its allocation.",
+            registry=r,
         )
         self.task_memory_bytes = Gauge(p + "task_memory_peak_bytes", "Peak task memory use.", registry=r)
         # Shutdown

@@ -45,7 +45,9 @@ __all__ = ["CdpProxy", "ConnectionObserver", "FrameTracker", "Upstream", "route_
 
 log = get_logger(__name__)
 
-_HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
+_HOST_RE = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$"
+)
 _ID = r"[A-Za-z0-9_-]{1,128}"
 _WS_KEY_RE = re.compile(r"^[A-Za-z0-9+/]{22}==$")
 # Write-buffer high-water mark per transport: how much one direction may hold before the other side's
@@ -109,8 +111,8 @@ def route_request(request: httpio.Request, upstream: Upstream) -> Route | None:
             return Route("websocket", upstream.browser_path, "GET")
         trimmed = path[:-1] if path.endswith("/") and len(path) > 1 else path
         if trimmed in _EXACT:
-            kind, method = _EXACT[trimmed]
-            return Route(kind, trimmed, method)
+            exact_kind, method = _EXACT[trimmed]
+            return Route(exact_kind, trimmed, method)
         if trimmed == "/json/new":
             query = signing_key_removed(request.query)
             if not _NEW_QUERY_RE.match(query):
@@ -189,10 +191,7 @@ def rewrite_discovery(body: bytes, *, host: str, token: str, scheme: str, chrome
                 target["devtoolsFrontendUrl"] = frontend(target["devtoolsFrontendUrl"])
         return target
 
-    if isinstance(document, list):
-        document = [fix(item) for item in document]
-    else:
-        document = fix(document)
+    document = [fix(item) for item in document] if isinstance(document, list) else fix(document)
     return json.dumps(document, indent=3).encode()
 
 
@@ -339,6 +338,7 @@ class _Relay:
             self.forward(client, bytes(client.buffer))
             client.buffer.clear()
         client.transport.resume_reading()
+        browser.transport.resume_reading()
 
     def forward(self, source: _Side, data: bytes) -> None:
         """Relay a chunk from ``source`` to its peer (the hot path: keep it lean)."""
@@ -499,11 +499,17 @@ class CdpProxy:
                 relay.abort()
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
-            await self._stack.aclose()
-            if self._server is not None:
-                with anyio.move_on_after(1):
-                    await self._server.wait_closed()
-                self._server = None
+        # Outside the shield: a task group's scope must be exited as the current one.
+        await self._stack.aclose()
+        if self._server is not None:
+            with anyio.move_on_after(1, shield=True):
+                await self._server.wait_closed()
+            self._server = None
+
+    def abort_all(self) -> None:
+        """Drop every client at once (a second signal: no more waiting for close replies)."""
+        for relay in list(self._relays):
+            relay.abort()
 
     def _accept(self) -> _Side:
         relay = _Relay(self._metrics.traffic, self._config.max_head_bytes)
@@ -593,7 +599,9 @@ class CdpProxy:
                 "127.0.0.1", self._upstream.port, route.method, route.upstream_path, timeout=10.0
             )
         except (OSError, TimeoutError, httpio.HttpError) as exc:
-            self._reply(relay, 502, "upstream_unavailable", clog, "browser unavailable", error=type(exc).__name__)
+            self._reply(
+                relay, 502, "upstream_unavailable", clog, "browser unavailable", error=type(exc).__name__
+            )
             return
         body = response.body
         if route.kind == "discovery" and response.status == 200:
@@ -603,8 +611,12 @@ class CdpProxy:
                 return
             proto = request.header("x-forwarded-proto") or ""
             scheme = "wss" if proto.lower() == "https" else "ws"
-            body = rewrite_discovery(body, host=host, token=token, scheme=scheme, chrome_port=self._upstream.port)
-        self._metrics.cdp_http_requests.labels(route.upstream_path.split("?")[0].rsplit("/", 1)[0] or "/").inc()
+            body = rewrite_discovery(
+                body, host=host, token=token, scheme=scheme, chrome_port=self._upstream.port
+            )
+        self._metrics.cdp_http_requests.labels(
+            route.upstream_path.split("?")[0].rsplit("/", 1)[0] or "/"
+        ).inc()
         content_type = response.headers.get("content-type", "application/json; charset=UTF-8")
         self._metrics.traffic.bytes_to_browser += len(request.target)
         if request.method == "HEAD":
@@ -637,7 +649,9 @@ class CdpProxy:
         except (OSError, TimeoutError) as exc:
             if browser.transport is not None:
                 browser.transport.abort()
-            self._reply(relay, 502, "upstream_unavailable", clog, "browser unavailable", error=type(exc).__name__)
+            self._reply(
+                relay, 502, "upstream_unavailable", clog, "browser unavailable", error=type(exc).__name__
+            )
             return
         head, sep, rest = bytes(browser.buffer).partition(b"\r\n\r\n")
         status = 0
@@ -649,8 +663,14 @@ class CdpProxy:
         if status != 101:
             assert browser.transport is not None
             browser.transport.abort()
-            self._reply(relay, 502 if status == 0 else status, "upstream_refused", clog,
-                        "browser refused the connection", upstream_status=status)
+            self._reply(
+                relay,
+                502 if status == 0 else status,
+                "upstream_refused",
+                clog,
+                "browser refused the connection",
+                upstream_status=status,
+            )
             return
         client_transport = relay.client.transport
         if client_transport is None or relay.client.lost.is_set():
@@ -693,4 +713,3 @@ class CdpProxy:
 def _loggable(path: str) -> str:
     """A request path fit for a log line: bounded, and never a query (tokens travel there)."""
     return path.split("?", 1)[0][:200]
-
