@@ -210,6 +210,8 @@ class Chrome:
                 await self._shutdown_process()
             # Outside the shield: a task group's scope must be exited as the current one.
             await self._stack.aclose()
+            if self._process is not None:
+                await self._process.aclose()
             raise
 
     async def __aexit__(
@@ -217,7 +219,11 @@ class Chrome:
     ) -> None:
         with anyio.CancelScope(shield=True):
             await self.close()
+        # Outside the shield: a task group's scope must be exited as the current one. The stderr reader
+        # ends by itself once the whole process group is gone.
         await self._stack.aclose()
+        if self._process is not None:
+            await self._process.aclose()
 
     def _command(self) -> list[str]:
         switches = load_switches(self._config.config_dir)
@@ -286,16 +292,19 @@ class Chrome:
         # Draining stderr for Chromium's whole life matters: a full pipe would block it.
         async with listening:
             buffer = ""
-            async for text in TextReceiveStream(self._process.stderr, errors="replace"):
-                buffer += text
-                *lines, buffer = buffer.split("\n")
-                for line in lines:
-                    self._stderr_tail.append(line[:300])
-                    match = _LISTENING_RE.search(line)
-                    if match and self.devtools is None:
-                        listening.send_nowait((int(match.group(1)), match.group(2)))
-                if len(buffer) > 65536:
-                    buffer = buffer[-4096:]
+            try:
+                async for text in TextReceiveStream(self._process.stderr, errors="replace"):
+                    buffer += text
+                    *lines, buffer = buffer.split("\n")
+                    for line in lines:
+                        self._stderr_tail.append(line[:300])
+                        match = _LISTENING_RE.search(line)
+                        if match and self.devtools is None:
+                            listening.send_nowait((int(match.group(1)), match.group(2)))
+                    if len(buffer) > 65536:
+                        buffer = buffer[-4096:]
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return
 
     async def _watch_exit(self) -> None:
         assert self._process is not None
@@ -363,7 +372,6 @@ class Chrome:
             self._signal_group(signal.SIGKILL)
             if process.returncode is None:
                 await process.wait()
-            await process.aclose()
 
     def _signal_group(self, sig: signal.Signals) -> None:
         assert self._process is not None

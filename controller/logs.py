@@ -102,8 +102,11 @@ def configure_logging(level: str = "INFO", *, stream: TextIO | None = None) -> N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
-    for noisy in ("websockets", "botocore", "aiobotocore", "urllib3", "asyncio", "werkzeug"):
-        logging.getLogger(noisy).setLevel(max(numeric, logging.INFO))
+    for library in ("websockets", "asyncio"):
+        logging.getLogger(library).setLevel(max(numeric, logging.INFO))
+    # The AWS SDK's INFO lines ("Found credentials in environment variables") are noise for on-call.
+    for library in ("botocore", "aiobotocore", "urllib3"):
+        logging.getLogger(library).setLevel(max(numeric, logging.WARNING))
     structlog.configure(
         processors=[*_shared_processors(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
