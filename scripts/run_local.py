@@ -165,7 +165,8 @@ def main() -> int:
             '          await page.goto("https://example.com")\n'
             "          print(await page.title())\n"
             "  asyncio.run(main())\n\n"
-            f"Metrics: http://127.0.0.1:{args.metrics_port}/metrics   Ctrl-C stops (SIGTERM, as ECS does).\n\n"
+            f"Metrics: http://127.0.0.1:{args.metrics_port}/metrics\n"
+            "Ctrl-C stops it (SIGTERM, as ECS does).\n\n"
         )
         return controller.wait()
     except KeyboardInterrupt:
