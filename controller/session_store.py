@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
+import anyio
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -184,11 +185,15 @@ class _Write:
     event: AttributeValue | None = None
     guarded: bool = False
     sets_terminal: bool = False
-    if_terminal: _Write | None = field(default=None)
+    if_terminal: _Write | None = None
 
 
 class SessionStore:
     """Writes this task's session item; one ``UpdateItem`` per call in the normal case.
+
+    Calls may overlap (a heartbeat in flight while a client connects). Writes that append to
+    ``eventHistory`` take turns behind a lock, so this store never races itself over the list (the
+    conditions still catch other writers); heartbeats and reconnects never wait for them.
 
     Args:
         client: an aiobotocore DynamoDB client, built with :func:`dynamodb_client_config`.
@@ -196,6 +201,9 @@ class SessionStore:
         session_id: the item's key.
         history_limit: entries of ``eventHistory`` kept (``Config.event_history_limit``).
         metrics: receives call latencies and heartbeat outcomes.
+
+    Raises:
+        ValueError: ``history_limit`` is below 1.
     """
 
     def __init__(
@@ -223,6 +231,7 @@ class SessionStore:
         self._final_written = False
         self._release_logged = False
         self._consecutive_failures = 0
+        self._history_lock = anyio.Lock()
 
     @property
     def consecutive_heartbeat_failures(self) -> int:
@@ -375,6 +384,7 @@ class SessionStore:
         if self._consecutive_failures:
             log.info("heartbeat_recovered", after_failures=self._consecutive_failures)
         self._consecutive_failures = 0
+        self._history_lock = anyio.Lock()
         self._metrics.heartbeats.inc()
         return view
 
@@ -453,6 +463,12 @@ class SessionStore:
     # Writing
 
     async def _update(self, write: _Write) -> SessionView:
+        if write.event is None:
+            return await self._update_unlocked(write)
+        async with self._history_lock:
+            return await self._update_unlocked(write)
+
+    async def _update_unlocked(self, write: _Write) -> SessionView:
         for _ in range(_MAX_CONFLICT_ROUNDS):
             names: dict[str, str] = {"#sessionId": "sessionId"}
             values: dict[str, AttributeValue] = {}

@@ -321,7 +321,7 @@ class UsageSampler:
             with anyio.fail_after(self._timeout):
                 body = await http_get(url)
             document = json.loads(body)
-        except (UsageError, ValueError, TimeoutError) as exc:
+        except (UsageError, ValueError, RecursionError, TimeoutError) as exc:
             # Logged once per outage: a down endpoint would otherwise log every interval.
             if not self._failing:
                 log.warning("task_metadata_unavailable", url=url, error=str(exc))

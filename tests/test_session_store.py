@@ -428,6 +428,22 @@ async def test_event_history_keeps_concurrent_append(dynamodb: DynamoDBClient, d
     assert calls.calls == 2  # the write that met the changed list, and its redo
 
 
+async def test_overlapping_calls_keep_every_entry(dynamodb: DynamoDBClient, ddb: Any) -> None:
+    """A transition, an event and a heartbeat issued at once all land, with both history entries."""
+    store = make_store(dynamodb)
+    await store.mark_ready(task_arn=None)
+    async with anyio.create_task_group() as group:
+        group.start_soon(store.mark_active)
+        group.start_soon(store.record_event, "ProfileRestoreRejected", {"reason": "too_large"})
+        group.start_soon(lambda: store.heartbeat(proxy_bytes=9, usage=NO_USAGE))
+    item = get_item(ddb)
+    assert item is not None
+    assert s(item, "internalStatus") == "ACTIVE"
+    assert item["proxyBytes"]["N"] == "9"
+    kinds = sorted(entry["eventType"] for entry in history(item)[1:])
+    assert kinds == ["ProfileRestoreRejected", "StatusChanged"]
+
+
 # Release, deletion
 
 
