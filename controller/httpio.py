@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import anyio
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 __all__ = [
     "HttpError",
     "Request",
     "Response",
     "fetch",
+    "get_url",
     "parse_request_head",
     "parse_response_head",
     "response_bytes",
@@ -173,50 +174,98 @@ async def fetch(
     """Make one HTTP/1.1 request and read the whole response.
 
     Args:
-        host: the server's address (the controller only ever passes loopback addresses).
+        host: the server's address (the controller only passes loopback and link-local addresses).
         port: its port.
         method: the request method.
         path: the origin-form target, starting with '/'.
         timeout: bound on the whole exchange, in seconds.
-        max_bytes: largest acceptable body.
+        max_bytes: largest acceptable response.
 
     Returns:
-        The response.
+        The response, its body de-chunked.
 
     Raises:
         HttpError: the response is malformed or too large (status 502).
         OSError: the server cannot be reached.
         TimeoutError: the exchange took longer than ``timeout``.
     """
+    request = (
+        f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/json\r\n"
+        "Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    received = bytearray()
     with anyio.fail_after(timeout):
         async with await anyio.connect_tcp(host, port) as stream:
-            request = (
-                f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/json\r\n"
-                "Content-Length: 0\r\nConnection: close\r\n\r\n"
-            )
             await stream.send(request.encode("ascii"))
-            reader = BufferedByteReceiveStream(stream)
-            try:
-                head = await reader.receive_until(b"\r\n\r\n", 64 * 1024)
-            except (anyio.IncompleteRead, anyio.DelimiterNotFound) as exc:
-                raise HttpError(502, "incomplete response head") from exc
-            status, headers = parse_response_head(head)
-            length = headers.get("content-length")
-            if length is not None:
-                if not length.isdigit() or int(length) > max_bytes:
-                    raise HttpError(502, "bad content-length")
+            # Connection: close, so the response ends with the connection; Content-Length still rules.
+            while True:
                 try:
-                    body = await reader.receive_exactly(int(length))
-                except anyio.IncompleteRead as exc:
-                    raise HttpError(502, "truncated body") from exc
-            else:
-                buffer = bytearray()
-                while True:
-                    try:
-                        buffer += await reader.receive()
-                    except (anyio.EndOfStream, anyio.BrokenResourceError):
-                        break
-                    if len(buffer) > max_bytes:
-                        raise HttpError(502, "body too large")
-                body = bytes(buffer)
-            return Response(status, headers, body)
+                    received += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    break
+                if len(received) > max_bytes:
+                    raise HttpError(502, "response too large")
+                if _complete(received):
+                    break
+    return _parse_response(bytes(received))
+
+
+async def get_url(url: str, *, timeout: float = 5.0, max_bytes: int = 4 * 1024 * 1024) -> Response:
+    """GET a plain ``http://`` URL (the ECS task metadata endpoint) and read the whole response.
+
+    Raises:
+        HttpError: not a plain http URL (status 400), or a malformed or oversized response (502).
+        OSError: the server cannot be reached.
+        TimeoutError: the exchange took longer than ``timeout``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise HttpError(400, "not a plain http URL")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return await fetch(parts.hostname, parts.port or 80, "GET", target, timeout=timeout, max_bytes=max_bytes)
+
+
+def _complete(received: bytearray) -> bool:
+    """True once a Content-Length response is whole (servers may keep the connection open anyway)."""
+    head, sep, body = bytes(received).partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return len(body) >= int(value.strip())
+    return False
+
+
+def _parse_response(raw: bytes) -> Response:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise HttpError(502, "incomplete response head")
+    status, headers = parse_response_head(head)
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return Response(status, headers, _dechunk(body))
+    length = headers.get("content-length")
+    if length is not None:
+        if not length.isdigit() or len(body) < int(length):
+            raise HttpError(502, "truncated body")
+        body = body[: int(length)]
+    return Response(status, headers, body)
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = bytearray()
+    rest = body
+    while True:
+        size_line, sep, rest = rest.partition(b"\r\n")
+        if not sep:
+            raise HttpError(502, "truncated chunked body")
+        try:
+            size = int(size_line.split(b";", 1)[0].strip(), 16)
+        except ValueError as exc:
+            raise HttpError(502, "bad chunk size") from exc
+        if size == 0:
+            return bytes(out)
+        if len(rest) < size + 2:
+            raise HttpError(502, "truncated chunked body")
+        out += rest[:size]
+        rest = rest[size + 2 :]

@@ -34,20 +34,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 
+from controller import httpio
 from controller.errors import UsageError
 from controller.logs import get_logger
 from controller.metrics import Metrics
 
-__all__ = ["Usage", "UsageSampler", "http_get"]
+__all__ = ["Usage", "UsageSampler"]
 
 log = get_logger(__name__)
 
 _MiB = 1024 * 1024
-_MAX_RESPONSE_BYTES = 4 * _MiB
 # /task/stats holds one Docker stats document per container; a few KiB each.
 _NS_PER_S = 1_000_000_000
 
@@ -82,92 +81,6 @@ class _Reading:
     wall_ns: float
     alloc_cpus: float | None
     memory_bytes: int | None
-
-
-async def http_get(url: str, *, max_bytes: int = _MAX_RESPONSE_BYTES) -> bytes:
-    """Fetch ``url`` with a plain HTTP/1.1 GET and return the body of a 200 answer.
-
-    The task metadata endpoint is a link-local plain-HTTP server; a few dozen lines over anyio avoid a
-    dependency and keep the size cap in our hands. The caller bounds the time (``anyio.fail_after``).
-
-    Args:
-        url: an ``http://`` URL.
-        max_bytes: cap on the response size.
-
-    Returns:
-        The response body (de-chunked).
-
-    Raises:
-        UsageError: the URL is not plain HTTP, the server is unreachable, answers something other than
-            200, or sends a malformed or oversized response.
-    """
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise UsageError(f"not a plain http URL: {url!r}")
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    request = (
-        f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: application/json\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode("latin-1")
-    received = bytearray()
-    try:
-        async with await anyio.connect_tcp(parts.hostname, parts.port or 80) as stream:
-            await stream.send(request)
-            while True:
-                try:
-                    received += await stream.receive()
-                except anyio.EndOfStream:
-                    break
-                if len(received) > max_bytes:
-                    raise UsageError(f"response from {url} is larger than {max_bytes} bytes")
-    except (OSError, anyio.BrokenResourceError) as exc:
-        raise UsageError(f"cannot fetch {url}: {exc}") from exc
-    return _parse_response(bytes(received), url)
-
-
-def _parse_response(raw: bytes, url: str) -> bytes:
-    head, sep, body = raw.partition(b"\r\n\r\n")
-    if not sep:
-        raise UsageError(f"malformed response from {url}")
-    lines = head.decode("latin-1").split("\r\n")
-    status = lines[0].split(" ", 2)
-    if len(status) < 2 or not status[0].startswith("HTTP/1.") or status[1] != "200":
-        raise UsageError(f"{url} answered {lines[0][:80]!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if colon:
-            headers[name.strip().lower()] = value.strip()
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return _dechunk(body, url)
-    if "content-length" in headers:
-        try:
-            length = int(headers["content-length"])
-        except ValueError as exc:
-            raise UsageError(f"bad Content-Length from {url}") from exc
-        if length < 0 or len(body) < length:
-            raise UsageError(f"truncated response from {url}")
-        return body[:length]
-    return body
-
-
-def _dechunk(body: bytes, url: str) -> bytes:
-    out = bytearray()
-    rest = body
-    while True:
-        size_line, sep, rest = rest.partition(b"\r\n")
-        if not sep:
-            raise UsageError(f"truncated chunked response from {url}")
-        try:
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
-        except ValueError as exc:
-            raise UsageError(f"bad chunk size from {url}") from exc
-        if size == 0:
-            return bytes(out)
-        if size < 0 or len(rest) < size + 2:
-            raise UsageError(f"truncated chunked response from {url}")
-        out += rest[:size]
-        rest = rest[size + 2 :]
 
 
 def _at(value: Any, *path: str) -> Any:
@@ -319,9 +232,11 @@ class UsageSampler:
         url = self._uri + path
         try:
             with anyio.fail_after(self._timeout):
-                body = await http_get(url)
-            document = json.loads(body)
-        except (UsageError, ValueError, RecursionError, TimeoutError) as exc:
+                response = await httpio.get_url(url)
+            if response.status != 200:
+                raise UsageError(f"answered {response.status}")
+            document = json.loads(response.body)
+        except (UsageError, httpio.HttpError, OSError, ValueError, RecursionError, TimeoutError) as exc:
             # Logged once per outage: a down endpoint would otherwise log every interval.
             if not self._failing:
                 log.warning("task_metadata_unavailable", url=url, error=str(exc))

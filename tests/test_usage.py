@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.errors import UsageError
 from controller.metrics import Metrics
-from controller.usage import Usage, UsageSampler, http_get
+from controller.usage import Usage, UsageSampler
 from tests.fake_task_metadata import TASK_ARN, FakeTaskMetadata, docker_stats
 
 pytestmark = pytest.mark.anyio
@@ -254,12 +253,6 @@ async def test_metrics_gauges_set() -> None:
         await UsageSampler(metadata.uri, metrics).sample()
     assert metrics.registry.get_sample_value("wallcrawler_task_cpu_usage_ratio") == pytest.approx(0.5)
     assert metrics.registry.get_sample_value("wallcrawler_task_memory_peak_bytes") == 100 * MiB
-
-
-async def test_http_get_rejects_non_http_url() -> None:
-    """http_get refuses anything but plain http."""
-    with pytest.raises(UsageError):
-        await http_get("https://169.254.170.2/v4/x/task")
 
 
 # Without metadata: cgroup v2, cgroup v1, /proc
