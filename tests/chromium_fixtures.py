@@ -55,9 +55,11 @@ __all__ = [
     "eventually",
     "group_members",
     "http_request",
+    "listening_addresses",
     "make_verifier",
     "mint",
     "playwright_fixture",
+    "process_argv",
     "process_environ",
     "process_group_of",
     "running_stack",
@@ -157,6 +159,25 @@ def group_members(pgid: int, *, include_zombies: bool = False) -> list[int]:
             continue
         members.append(int(entry.name))
     return members
+
+
+def process_argv(pid: int) -> list[str]:
+    """The command line process ``pid`` runs with."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
+
+
+def listening_addresses(port: int) -> list[str]:
+    """The local addresses (IPv4 and IPv6, as dotted or hex text) of TCP sockets listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, _, hex_port = fields[1].partition(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                if len(address) == 8:
+                    address = ".".join(str(b) for b in reversed(bytes.fromhex(address)))
+                found.append(address)
+    return found
 
 
 def process_environ(pid: int) -> dict[str, str]:
