@@ -443,7 +443,13 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float = 5
 
 def ws_connect(url: str, **options: Any) -> connect:
     """A WebSocket client as CDP needs it: no deflate, no size limit, no keepalive pings."""
-    return connect(url, compression=None, max_size=None, ping_interval=None, open_timeout=10, **options)
+    defaults: dict[str, Any] = {
+        "compression": None,
+        "max_size": None,
+        "ping_interval": None,
+        "open_timeout": 10,
+    }
+    return connect(url, **(defaults | options))
 
 
 async def cdp_command(
