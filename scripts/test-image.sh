@@ -48,7 +48,7 @@ done
 mkdir -p "$cache/conf" "$cache/debs"
 # One run at a time per cache: the base, the storage and the layer cache are shared.
 exec 9>"$cache/lock"
-flock 9
+flock -w 1800 9 || die "another run holds $cache/lock"
 
 # --- podman/buildah configuration, private to this script --------------------------------------
 # Within the host's hard limits, and within what buildah's chroot isolation starts from (nproc 32768).
@@ -74,6 +74,9 @@ export CONTAINERS_CONF=$cache/conf/containers.conf
 export CONTAINERS_STORAGE_CONF=$cache/conf/storage.conf
 # Any CA the host trusts beyond Debian's set (see the header); their content is part of the base's key.
 host_cas=$(find /usr/local/share/ca-certificates -name '*.crt' -type f 2>/dev/null | sort)
+
+# Containers a killed run left behind (the e2e step names them so).
+podman ps -a --format '{{.Names}}' | grep '^wallcrawler-e2e-' | xargs -r podman rm -f -t 0 >/dev/null 2>&1 || true
 
 # --- 1. base -------------------------------------------------------------------------------------
 base_key=$({
