@@ -185,14 +185,18 @@ async def test_ready_means_usable(launched: Launched) -> None:
 @pytest.mark.anyio
 async def test_environment_scrubbed_in_every_process(launched: Launched) -> None:
     """No process of Chromium's group sees AWS_*, ECS_*, WALLCRAWLER_* or other secrets."""
-    members = group_members(launched.pgid)
-    assert len(members) >= 2, "expected the browser and its helper processes"
-    for pid in members:
-        environ = process_environ(pid)
+    checked = 0
+    for pid in group_members(launched.pgid):
+        try:
+            environ = process_environ(pid)
+        except OSError:
+            continue  # a helper that exited meanwhile
+        checked += 1
         leaked = [name for name in environ if name.startswith(("AWS_", "ECS_", "WALLCRAWLER_"))]
         assert not leaked, (pid, leaked)
         assert not set(SECRETS) & set(environ)
         assert not any(value in "\0".join(environ.values()) for value in SECRETS.values())
+    assert checked >= 2, "expected the browser and its helper processes"
     assert process_environ(launched.pid)["TMPDIR"] == str(launched.tmp_dir)
 
 
