@@ -11,10 +11,11 @@ import anyio
 from controller.app import EXIT_CONFIG, run
 from controller.config import Config, load_config
 from controller.errors import ConfigError
-from controller.logs import configure_logging, get_logger
+from controller.logs import bind_context, configure_logging, get_logger
 
 
 async def _main(config: Config) -> int:
+    bind_context(session_id=config.session_id)
     get_logger("controller").info(
         "controller_starting",
         proxy_port=config.proxy.port,

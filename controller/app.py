@@ -17,10 +17,11 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 import anyio.abc
@@ -46,6 +47,7 @@ __all__ = ["AppStatus", "run"]
 log = get_logger(__name__)
 
 ShutdownTrigger = Callable[[], Awaitable[str]]
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -222,8 +224,11 @@ async def _session(
         health.stopping = True
         metrics.set_state("TERMINATING")
         log.info("shutdown_started", reason=stop.reason)
+        shutdown_started = time.monotonic()
         if not final.gone:
-            await final.terminating()
+            with metrics.shutdown_step("terminating_write"):
+                await final.terminating()
+    metrics.shutdown_seconds.set(time.monotonic() - shutdown_started)
     if stop.failed and code == EXIT_OK:
         code = EXIT_FAILED
     metrics.set_state("FAILED" if stop.failed else "STOPPED")
@@ -253,9 +258,8 @@ class _Final:
         if self.gone or self.stop.reason == "item_gone":
             log.info("session_item_gone", detail="final state not written")
             return
-        started = time.monotonic()
         proxy_bytes = self.metrics.traffic.total_bytes
-        with anyio.move_on_after(self.bound, shield=True) as scope:
+        with self.metrics.shutdown_step("final_write"), anyio.move_on_after(self.bound, shield=True) as scope:
             try:
                 usage = await self.sampler.sample()
                 if self.stop.failed:
@@ -275,7 +279,6 @@ class _Final:
                 log.error("session_write_failed", step="final", error=str(exc))
         if scope.cancelled_caught:
             log.error("session_write_failed", step="final", error="timeout")
-        self.metrics.shutdown_step_seconds.labels("final_write").set(time.monotonic() - started)
 
 
 async def _serve(
@@ -343,7 +346,7 @@ async def _serve(
         stack.push_async_callback(
             _persist, profiles, user_data_dir, restored, chrome, stop, metrics, budget.profile_upload
         )
-    devtools = await stack.enter_async_context(chrome)
+    devtools = await stack.enter_async_context(_Timed(chrome, "chrome_close", metrics))
     status.chrome_port = devtools.port
     health.chrome_ready = True
     if profiles is not None:
@@ -352,7 +355,7 @@ async def _serve(
             await chrome.call("Storage.setCookies", {"cookies": cookies})
             log.info("cookies_restored", count=len(cookies))
         if persist:
-            stack.push_async_callback(_export_cookies, chrome, user_data_dir, stop)
+            stack.push_async_callback(_export_cookies, chrome, user_data_dir, stop, metrics)
 
     activity = _Activity()
     proxy = CdpProxy(
@@ -363,7 +366,7 @@ async def _serve(
         activity,
         drain_timeout=budget.proxy_drain,
     )
-    await stack.enter_async_context(_timed(proxy, "proxy_drain", metrics))
+    await stack.enter_async_context(_Timed(proxy, "proxy_drain", metrics))
     status.proxy_port = proxy.port
     health.proxy_listening = True
 
@@ -382,7 +385,7 @@ async def _serve(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(_heartbeat, store, sampler, metrics, item, stop, config.health_check_interval)
-        tg.start_soon(_watch_chrome, chrome, stop)
+        tg.start_soon(_watch_chrome, chrome, health, stop)
         tg.start_soon(_idle_timer, activity, item, stop, config)
         tg.start_soon(_deadline, item, stop)
         tg.start_soon(_mark_active, activity, store, metrics, item, stop)
@@ -396,19 +399,20 @@ async def _cancel_on(event: anyio.Event, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
-class _timed:
-    """Enter a resource, and time its exit as a named shutdown step."""
+class _Timed(Generic[T]):
+    """Enter a resource; time its exit as the shutdown step ``step``."""
 
-    def __init__(self, resource: CdpProxy, step: str, metrics: Metrics) -> None:
+    def __init__(self, resource: AbstractAsyncContextManager[T], step: str, metrics: Metrics) -> None:
         self.resource, self.step, self.metrics = resource, step, metrics
 
-    async def __aenter__(self) -> CdpProxy:
+    async def __aenter__(self) -> T:
         return await self.resource.__aenter__()
 
-    async def __aexit__(self, *exc: object) -> None:
-        started = time.monotonic()
-        await self.resource.aclose()
-        self.metrics.shutdown_step_seconds.labels(self.step).set(time.monotonic() - started)
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        with self.metrics.shutdown_step(self.step):
+            return await self.resource.__aexit__(exc_type, exc, tb)
 
 
 async def _abort_on_hurry(proxy: CdpProxy, stop: _Stop) -> None:
@@ -423,11 +427,11 @@ async def _record(store: SessionStore, event_type: str, detail: dict[str, str]) 
         log.warning("session_write_failed", step="event", event_type=event_type, error=str(exc))
 
 
-async def _export_cookies(chrome: Chrome, user_data_dir: Path, stop: _Stop) -> None:
+async def _export_cookies(chrome: Chrome, user_data_dir: Path, stop: _Stop, metrics: Metrics) -> None:
     """Save every cookie (session cookies too) into the profile before Chromium closes."""
     if chrome.returncode is not None or stop.failed:
         return
-    with anyio.move_on_after(2.0, shield=True):
+    with metrics.shutdown_step("cookie_export"), anyio.move_on_after(2.0, shield=True):
         try:
             result = await chrome.call("Storage.getCookies", timeout=2.0)
             cookies = result.get("cookies", [])
@@ -450,12 +454,10 @@ async def _persist(
     if not restored.may_persist or stop.failed or chrome.devtools is None:
         log.info("profile_persist_skipped", may_persist=restored.may_persist, failed=stop.failed)
         return
-    started = time.monotonic()
     result: PersistResult | None = None
-    with anyio.move_on_after(bound, shield=True):
+    with metrics.shutdown_step("profile_persist"), anyio.move_on_after(bound, shield=True):
         product = chrome.devtools.product
         result = await profiles.persist(user_data_dir, restored, chromium_version=product)
-    metrics.shutdown_step_seconds.labels("profile_persist").set(time.monotonic() - started)
     if result is None:
         log.error("profile_persist_timeout", seconds=bound)
     else:
@@ -493,9 +495,10 @@ async def _heartbeat(
             return
 
 
-async def _watch_chrome(chrome: Chrome, stop: _Stop) -> None:
+async def _watch_chrome(chrome: Chrome, health: Health, stop: _Stop) -> None:
     """Chromium exiting on its own ends the session as FAILED (see the README's choice)."""
     code = await chrome.wait_exited()
+    health.chrome_ready = False
     if not chrome.closing:
         stop.set("chrome_exited", failed=True)
         log.error("chrome_died", code=code)

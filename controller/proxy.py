@@ -38,7 +38,7 @@ from controller import httpio
 from controller.auth import TokenVerifier
 from controller.config import ProxyConfig
 from controller.errors import AuthError
-from controller.logs import get_logger
+from controller.logs import bind_context, get_logger
 from controller.metrics import Metrics, Traffic
 
 __all__ = ["CdpProxy", "ConnectionObserver", "FrameTracker", "Upstream", "route_request"]
@@ -81,19 +81,20 @@ class Route:
     kind: Literal["websocket", "discovery", "passthrough"]
     upstream_path: str
     method: str
+    endpoint: str  # a fixed name for metrics and logs, never the request's own text
 
 
-_EXACT: dict[str, tuple[Literal["discovery", "passthrough"], str]] = {
-    "/json/version": ("discovery", "GET"),
-    "/json": ("discovery", "GET"),
-    "/json/list": ("discovery", "GET"),
-    "/json/protocol": ("passthrough", "GET"),
+_EXACT: dict[str, tuple[Literal["discovery", "passthrough"], str, str]] = {
+    "/json/version": ("discovery", "GET", "version"),
+    "/json": ("discovery", "GET", "list"),
+    "/json/list": ("discovery", "GET", "list"),
+    "/json/protocol": ("passthrough", "GET", "protocol"),
 }
-_PATTERNS: tuple[tuple[re.Pattern[str], Literal["websocket", "discovery", "passthrough"], str], ...] = (
-    (re.compile(rf"^/devtools/browser/{_ID}$"), "websocket", "GET"),
-    (re.compile(rf"^/devtools/page/{_ID}$"), "websocket", "GET"),
-    (re.compile(rf"^/json/activate/{_ID}$"), "passthrough", "GET"),
-    (re.compile(rf"^/json/close/{_ID}$"), "passthrough", "GET"),
+_PATTERNS: tuple[tuple[re.Pattern[str], Literal["websocket", "discovery", "passthrough"], str, str], ...] = (
+    (re.compile(rf"^/devtools/browser/{_ID}$"), "websocket", "GET", "browser"),
+    (re.compile(rf"^/devtools/page/{_ID}$"), "websocket", "GET", "page"),
+    (re.compile(rf"^/json/activate/{_ID}$"), "passthrough", "GET", "activate"),
+    (re.compile(rf"^/json/close/{_ID}$"), "passthrough", "GET", "close"),
 )
 # /json/new?<url>: the URL is Chromium's to parse; it must not smuggle a second request line or host.
 _NEW_QUERY_RE = re.compile(r"^[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]{0,4096}$")
@@ -108,19 +109,19 @@ def route_request(request: httpio.Request, upstream: Upstream) -> Route | None:
     path = request.path
     if request.target.startswith("/") and not request.target.startswith("//"):
         if path in {"/", "/devtools/browser"}:
-            return Route("websocket", upstream.browser_path, "GET")
+            return Route("websocket", upstream.browser_path, "GET", "browser")
         trimmed = path[:-1] if path.endswith("/") and len(path) > 1 else path
         if trimmed in _EXACT:
-            exact_kind, method = _EXACT[trimmed]
-            return Route(exact_kind, trimmed, method)
+            exact_kind, method, endpoint = _EXACT[trimmed]
+            return Route(exact_kind, trimmed, method, endpoint)
         if trimmed == "/json/new":
             query = signing_key_removed(request.query)
             if not _NEW_QUERY_RE.match(query):
                 return None
-            return Route("discovery", f"/json/new?{query}" if query else "/json/new", "PUT")
-        for pattern, kind, method in _PATTERNS:
+            return Route("discovery", f"/json/new?{query}" if query else "/json/new", "PUT", "new")
+        for pattern, kind, method, endpoint in _PATTERNS:
             if pattern.match(path):
-                return Route(kind, path, method)
+                return Route(kind, path, method, endpoint)
     return None
 
 
@@ -305,7 +306,8 @@ class _Side(asyncio.Protocol):
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None and not self.relay.going_away:
+        # Going away still finishes the frame in flight; only after the goodbye does Chromium stay paused.
+        if self.peer is not None and self.peer.transport is not None and not self.relay.said_goodbye:
             self.peer.transport.resume_reading()
 
 
@@ -519,17 +521,17 @@ class CdpProxy:
         return relay.client
 
     async def _serve(self, relay: _Relay) -> None:
-        conn_id = next(self._ids)
-        clog = log.bind(conn_id=conn_id)
+        # This task's own context: every line it logs carries the connection's id.
+        bind_context(conn_id=next(self._ids))
         try:
-            await self._handle(relay, clog)
+            await self._handle(relay)
         except Exception:
-            clog.exception("proxy_connection_error")
+            log.exception("proxy_connection_error")
         finally:
             relay.abort()
             self._relays.discard(relay)
 
-    async def _handle(self, relay: _Relay, clog: Any) -> None:
+    async def _handle(self, relay: _Relay) -> None:
         client = relay.client
         with anyio.move_on_after(self._config.handshake_timeout):
             await client.head_ready.wait()
@@ -537,14 +539,14 @@ class CdpProxy:
         if transport is None or client.lost.is_set():
             return
         head, sep, rest = bytes(client.buffer).partition(b"\r\n\r\n")
-        if not sep:
+        if not sep or len(head) > self._config.max_head_bytes:
             status = 431 if len(client.buffer) > self._config.max_head_bytes else 408
-            self._reply(relay, status, "bad_request", clog, f"incomplete request head ({status})")
+            self._reply(relay, status, "bad_request", f"incomplete request head ({status})")
             return
         try:
             request = httpio.parse_request_head(head)
         except httpio.HttpError as exc:
-            self._reply(relay, exc.status, "bad_request", clog, str(exc))
+            self._reply(relay, exc.status, "bad_request", str(exc))
             return
         client.buffer = bytearray(rest)
 
@@ -556,77 +558,74 @@ class CdpProxy:
             self._verifier.verify(token)
         except AuthError as exc:
             self._metrics.cdp_requests_rejected.labels(f"auth_{exc.reason}").inc()
-            clog.warning("proxy_auth_rejected", reason=exc.reason, path=_loggable(request.path))
+            log.warning("proxy_auth_rejected", reason=exc.reason, path=_loggable(request.path))
             self._send(relay, httpio.response_bytes(401, f"unauthorized: {exc.reason}\n".encode()))
             return
         assert token is not None
         route = route_request(request, self._upstream)
         if route is None:
-            self._reply(relay, 404, "not_found", clog, "path not allowed", path=_loggable(request.path))
+            self._reply(relay, 404, "not_found", "path not allowed", path=_loggable(request.path))
             return
         upgrade = "websocket" in request.headers.get("upgrade", "").lower()
         if route.kind == "websocket":
             if not upgrade:
-                self._reply(relay, 400, "not_websocket", clog, "websocket upgrade required")
+                self._reply(relay, 400, "not_websocket", "websocket upgrade required")
                 return
-            await self._relay_websocket(relay, request, route, clog)
+            await self._relay_websocket(relay, request, route)
             return
         if upgrade:
-            self._reply(relay, 404, "not_found", clog, "no websocket here", path=_loggable(request.path))
+            self._reply(relay, 404, "not_found", "no websocket here", path=_loggable(request.path))
             return
         if request.method != route.method and not (route.method == "GET" and request.method == "HEAD"):
-            self._reply(relay, 405, "method_not_allowed", clog, f"{request.method} not allowed")
+            self._reply(relay, 405, "method_not_allowed", f"{request.method} not allowed")
             return
-        await self._answer_http(relay, request, route, token, clog)
+        await self._answer_http(relay, request, route, token)
 
-    def _reply(self, relay: _Relay, status: int, reason: str, clog: Any, detail: str, **fields: Any) -> None:
+    def _reply(self, relay: _Relay, status: int, reason: str, detail: str, **fields: Any) -> None:
         self._metrics.cdp_requests_rejected.labels(reason).inc()
-        clog.info("proxy_request_refused", status=status, reason=reason, detail=detail, **fields)
+        log.info("proxy_request_refused", status=status, reason=reason, detail=detail, **fields)
         self._send(relay, httpio.response_bytes(status, f"{detail}\n".encode()))
 
     def _send(self, relay: _Relay, data: bytes) -> None:
+        """Answer the client and close; the proxy's own answers are not counted as relayed bytes."""
         transport = relay.client.transport
         if transport is not None and not transport.is_closing():
-            self._metrics.traffic.bytes_from_browser += len(data)
             transport.write(data)
             transport.close()
 
-    async def _answer_http(
-        self, relay: _Relay, request: httpio.Request, route: Route, token: str, clog: Any
-    ) -> None:
+    async def _answer_http(self, relay: _Relay, request: httpio.Request, route: Route, token: str) -> None:
         try:
             response = await httpio.fetch(
                 "127.0.0.1", self._upstream.port, route.method, route.upstream_path, timeout=10.0
             )
         except (OSError, TimeoutError, httpio.HttpError) as exc:
-            self._reply(
-                relay, 502, "upstream_unavailable", clog, "browser unavailable", error=type(exc).__name__
-            )
+            self._reply(relay, 502, "upstream_unavailable", "browser unavailable", error=type(exc).__name__)
             return
         body = response.body
         if route.kind == "discovery" and response.status == 200:
             host = request.header("host") or f"127.0.0.1:{self.port}"
             if not _HOST_RE.match(host):
-                self._reply(relay, 400, "bad_host", clog, "invalid Host header")
+                self._reply(relay, 400, "bad_host", "invalid Host header")
                 return
             proto = request.header("x-forwarded-proto") or ""
             scheme = "wss" if proto.lower() == "https" else "ws"
             body = rewrite_discovery(
                 body, host=host, token=token, scheme=scheme, chrome_port=self._upstream.port
             )
-        self._metrics.cdp_http_requests.labels(
-            route.upstream_path.split("?")[0].rsplit("/", 1)[0] or "/"
-        ).inc()
+        self._metrics.cdp_http_requests.labels(route.endpoint).inc()
         content_type = response.headers.get("content-type", "application/json; charset=UTF-8")
-        self._metrics.traffic.bytes_to_browser += len(request.target)
         if request.method == "HEAD":
             body = b""
-        self._send(relay, httpio.response_bytes(response.status, body, content_type=content_type))
+        answer = httpio.response_bytes(response.status, body, content_type=content_type)
+        traffic = self._metrics.traffic
+        traffic.bytes_to_browser += len(request.target)
+        traffic.bytes_from_browser += len(answer)
+        self._send(relay, answer)
 
-    async def _relay_websocket(self, relay: _Relay, request: httpio.Request, route: Route, clog: Any) -> None:
+    async def _relay_websocket(self, relay: _Relay, request: httpio.Request, route: Route) -> None:
         key = request.header("sec-websocket-key") or ""
         if request.header("sec-websocket-version") != "13" or not _WS_KEY_RE.match(key):
-            self._reply(relay, 400, "bad_handshake", clog, "invalid websocket handshake")
+            self._reply(relay, 400, "bad_handshake", "invalid websocket handshake")
             return
         lines = [
             f"GET {route.upstream_path} HTTP/1.1",
@@ -649,9 +648,7 @@ class CdpProxy:
         except (OSError, TimeoutError) as exc:
             if browser.transport is not None:
                 browser.transport.abort()
-            self._reply(
-                relay, 502, "upstream_unavailable", clog, "browser unavailable", error=type(exc).__name__
-            )
+            self._reply(relay, 502, "upstream_unavailable", "browser unavailable", error=type(exc).__name__)
             return
         head, sep, rest = bytes(browser.buffer).partition(b"\r\n\r\n")
         status = 0
@@ -667,7 +664,6 @@ class CdpProxy:
                 relay,
                 502 if status == 0 else status,
                 "upstream_refused",
-                clog,
                 "browser refused the connection",
                 upstream_status=status,
             )
@@ -681,15 +677,15 @@ class CdpProxy:
         browser.buffer = bytearray(rest)
         relay.splice(browser)
         self._metrics.traffic.bytes_from_browser += len(head) + len(sep)
-        await self._track(relay, route, clog)
+        await self._track(relay, route)
 
-    async def _track(self, relay: _Relay, route: Route, clog: Any) -> None:
+    async def _track(self, relay: _Relay, route: Route) -> None:
         started = time.monotonic()
         self._active += 1
         self._metrics.cdp_connections_accepted.inc()
         self._metrics.cdp_connections_active.set(self._active)
-        target = "browser" if "/browser/" in route.upstream_path else "page"
-        clog.info("cdp_connected", target=target, active=self._active)
+        target = route.endpoint
+        log.info("cdp_connected", target=target, active=self._active)
         self._observer.client_connected(self._active)
         try:
             await relay.done.wait()
@@ -698,7 +694,7 @@ class CdpProxy:
             self._metrics.cdp_connections_active.set(self._active)
             to_browser = relay.client.tracker.messages
             from_browser = relay.browser.tracker.messages if relay.browser else 0
-            clog.info(
+            log.info(
                 "cdp_disconnected",
                 target=target,
                 active=self._active,

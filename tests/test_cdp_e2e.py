@@ -780,11 +780,6 @@ def _server_frames(data: memoryview) -> tuple[list[tuple[int, bytes]], int]:
     return frames, pos
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy.py _Side.resume_writing never resumes reading from Chromium once going_away is set, "
-    "so a message paused by backpressure is never finished: the client gets it cut and no close frame",
-)
 async def test_proxy_close_mid_message_delivers_it_whole_then_1001(cdp: CdpStack) -> None:
     """Closing the proxy while a large message is half relayed finishes that message, then sends 1001."""
     metrics, size = Metrics(), 32 * MiB

@@ -534,11 +534,6 @@ async def test_head_growing_past_the_bound_gets_431(fake: FakeStack) -> None:
     assert fake.devtools.heads == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy.py _Side.data_received/_handle: max_head_bytes is only enforced while the head is "
-    "incomplete; a head that ends in a later read is accepted whatever its size",
-)
 @pytest.mark.anyio
 async def test_oversized_complete_head_gets_431(fake: FakeStack) -> None:
     """A complete request head larger than the bound (16 KiB) is refused with 431, however it arrives."""
