@@ -18,6 +18,7 @@ from controller.errors import ChromeError
 from controller.metrics import Metrics
 from tests.chromium_fixtures import (
     chromium_binary,
+    eventually,
     group_members,
     listening_addresses,
     process_argv,
@@ -223,6 +224,20 @@ async def test_devtools_listens_on_loopback_only(launched: Launched) -> None:
     assert listening_addresses(launched.devtools.port) == ["127.0.0.1"]
 
 
+async def group_gone(pgid: int) -> None:
+    """Wait until no live process is left in group ``pgid``.
+
+    close() returns once the group has been sent SIGKILL; a helper may still be inside the kernel's exit
+    path for a few milliseconds (state R, empty command line) before it is a zombie. Two seconds is far
+    more than that and far less than anything a live process could hide in.
+    """
+
+    async def empty() -> bool:
+        return group_members(pgid) == []
+
+    await eventually(empty, timeout=2.0)
+
+
 # --- start failures -----------------------------------------------------------------------------------------
 
 
@@ -262,7 +277,7 @@ async def test_start_timeout_kills_the_group(tmp_path: Path) -> None:
             pytest.fail("entered a Chromium that never listened")
     assert time.monotonic() - started < 10
     pgid = int(marker.read_text())
-    assert group_members(pgid) == []
+    await group_gone(pgid)
 
 
 # --- stopping -----------------------------------------------------------------------------------------------
@@ -278,7 +293,7 @@ async def test_close_leaves_no_process_of_the_group() -> None:
             _pid, pgid = process_group_of(workdir / "profile")
             assert len(group_members(pgid)) >= 2
         assert chrome.returncode == 0
-        assert group_members(pgid) == []
+        await group_gone(pgid)
         assert not list((workdir / "profile").glob("Singleton*")), "Browser.close was not used"
 
 
@@ -304,7 +319,7 @@ async def test_helper_outliving_the_browser_does_not_break_close(tmp_path: Path)
         chrome = chrome_for(workdir, binary=wrapper)
         async with chrome:
             _pid, pgid = process_group_of(workdir / "profile")
-        assert group_members(pgid) == []
+        await group_gone(pgid)
 
 
 @pytest.mark.anyio
@@ -328,4 +343,4 @@ async def test_unexpected_exit_is_noticed() -> None:
             assert sample("wallcrawler_chrome_unexpected_exits_total") == 1
             with pytest.raises(ChromeError):
                 await chrome.call("Browser.getVersion")
-        assert group_members(pgid) == []
+        await group_gone(pgid)
