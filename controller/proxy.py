@@ -403,9 +403,10 @@ class _Relay:
                 if not self.going_away and side.tracker.close_seen:
                     client.close()  # a normal close started by Chromium: flush and end
                 elif side.tracker.at_boundary and not self.said_goodbye:
-                    # Chromium vanished without a close frame: tell the client so, with 1011.
-                    self.closing_code = self.closing_code if self.going_away else 1011
-                    self.closing_reason = self.closing_reason if self.going_away else "browser went away"
+                    # Chromium dropped the connection without a close frame (it died, or the target was
+                    # closed): the client learns it with 1011 rather than a bare TCP close.
+                    if not self.going_away:
+                        self.closing_code, self.closing_reason = 1011, "browser closed the connection"
                     self.going_away = self.said_goodbye = True
                     client.write(close_frame(self.closing_code or 1011, self.closing_reason))
                     client.close()
