@@ -73,6 +73,7 @@ from controller.logs import get_logger
 from controller.metrics import Metrics
 
 if TYPE_CHECKING:
+    from aiobotocore.response import StreamingBody
     from types_aiobotocore_s3.client import S3Client
     from types_aiobotocore_s3.type_defs import (
         CompletedPartTypeDef,
@@ -989,7 +990,7 @@ class ProfileStore:
         finally:
             await _cleanup(archive, staging)
 
-    async def _download(self, body: Any, dest: Path) -> int:
+    async def _download(self, body: StreamingBody, dest: Path) -> int:
         """Stream the object's body to ``dest``, counting bytes against the compressed cap."""
         received = 0
         cap = self._limits.max_archive_bytes
