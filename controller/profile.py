@@ -309,10 +309,13 @@ class _ParallelGzip:
     zlib, which releases the GIL, run in several threads while tarfile and hashing run in this one.
     """
 
-    def __init__(self, sink: _Writable, level: int, executor: concurrent.futures.Executor) -> None:
+    def __init__(
+        self, sink: _Writable, level: int, executor: concurrent.futures.Executor, workers: int
+    ) -> None:
         self._sink = sink
         self._level = level
         self._executor = executor
+        self._depth = workers + 1
         self._pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
         self._buffer = bytearray()
         self._written = 0
@@ -333,8 +336,8 @@ class _ParallelGzip:
         chunk = bytes(self._buffer)
         self._buffer.clear()
         self._pending.append(self._executor.submit(gzip.compress, chunk, self._level, mtime=0))
-        # Bounded: a few chunks in flight, whatever the speed of the disk.
-        while len(self._pending) > _PIPE_DEPTH:
+        # Bounded: one chunk queued per worker beyond the ones compressing, whatever the disk does.
+        while len(self._pending) > self._depth:
             self._sink.write(self._pending.popleft().result())
 
     def finish(self) -> None:
@@ -699,7 +702,7 @@ def _pack(src: Path, out: Path, chromium_version: str) -> _Packed:
     with (
         out.open("wb") as raw,
         concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="profile-gzip") as executor,
-        contextlib.closing(_ParallelGzip(raw, _GZIP_LEVEL, executor)) as gz,
+        contextlib.closing(_ParallelGzip(raw, _GZIP_LEVEL, executor, workers)) as gz,
     ):
         with tarfile.TarFile(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_CHUNK) as tar:  # type: ignore[arg-type]
             packed = _pack_entries(tar, src, chromium_version)
