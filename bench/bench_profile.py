@@ -9,8 +9,13 @@ incompressible LevelDB-like ones), on one moto server on loopback, in one run:
   the profile;
 * whether a 200 MB persist fits the default stop budget's upload step.
 
-Our operations run in child processes (``--child``) so their peak RSS is theirs alone; the
-baselines run in this process. Run: ``.venv/bin/python bench/bench_profile.py``.
+Every timed operation (ours, the raw S3 transfers, tar) runs in a child process, so its peak RSS
+and CPU time are its own; moto runs in this process. Each figure is the best of ``--repeat`` runs,
+interleaved. Wall-clock ratios are the target; CPU ratios are printed beside them because, on a
+shared machine, other load moves wall-clock times by tens of percent and CPU times much less.
+Gzip levels differ on purpose: ``tar czf`` uses gzip -6, ours -1 (archive sizes are printed).
+
+Run: ``.venv/bin/python bench/bench_profile.py [--sizes 50,200] [--repeat 3] [--workdir DIR]``.
 """
 
 from __future__ import annotations
