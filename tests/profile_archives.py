@@ -182,14 +182,3 @@ def garbage_after_end() -> bytes:
     """A valid archive, then a broken header where tarfile would stop silently."""
     body = entry("Default/Preferences", b"{}") + b"\x01" * _BLOCK + entry("Default/Later", b"x")
     return archive([body])
-
-
-def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
-    """An uncompressed tar of regular files, written by tarfile (for building test profiles)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
