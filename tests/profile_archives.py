@@ -8,7 +8,6 @@ in memory whole.
 from __future__ import annotations
 
 import gzip
-import io
 import tarfile
 import zlib
 from collections.abc import Iterable
