@@ -36,7 +36,7 @@ from controller.metrics import Health, Metrics, serve_metrics
 from controller.profile import PersistResult, ProfileStore, RestoreResult, load_cookies, save_cookies
 from controller.proxy import CdpProxy, Upstream
 from controller.session_store import SessionStore, SessionView, dynamodb_client_config
-from controller.usage import Usage, UsageSampler
+from controller.usage import UsageSampler
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
@@ -243,7 +243,6 @@ class _Final:
     ):
         self.store, self.sampler, self.metrics, self.stop, self.bound = store, sampler, metrics, stop, bound
         self.gone = False
-        self.usage = Usage(avg_cpu_percent=None, peak_memory_mib=None)
 
     async def terminating(self) -> None:
         with anyio.move_on_after(_TERMINATING_WRITE_TIMEOUT, shield=True):
