@@ -1,0 +1,179 @@
+"""Contexts and session writes through the whole controller: two real sessions, one real context."""
+
+from __future__ import annotations
+
+import http.server
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+from tests.conftest import boto_client
+from tests.controller_process import PROJECT, run_controller
+
+pytestmark = pytest.mark.chromium
+
+BUCKET = "wallcrawler-contexts-test"
+PAGE = b"""<!doctype html><title>ctx</title><script>
+function save() {
+  document.cookie = "persistent=p-value; max-age=86400; path=/";
+  document.cookie = "session=s-value; path=/";
+  localStorage.setItem("ls-key", "ls-value");
+  return new Promise((resolve, reject) => {
+    const open = indexedDB.open("wc-db", 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("kv");
+    open.onsuccess = () => {
+      const tx = open.result.transaction("kv", "readwrite");
+      tx.objectStore("kv").put("idb-value", "k");
+      tx.oncomplete = () => resolve(true);
+      tx.onerror = () => reject(tx.error);
+    };
+  });
+}
+function load() {
+  return new Promise((resolve) => {
+    const open = indexedDB.open("wc-db", 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("kv");
+    open.onsuccess = () => {
+      const get = open.result.transaction("kv").objectStore("kv").get("k");
+      get.onsuccess = () => resolve({cookies: document.cookie, local: localStorage.getItem("ls-key"),
+                                     idb: get.result ?? null});
+    };
+  });
+}
+</script>"""
+
+
+class _Page(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(PAGE)))
+        self.end_headers()
+        self.wfile.write(PAGE)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+@pytest.fixture
+def page_url() -> Iterator[str]:
+    """A page on loopback that stores and reads back browser state."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _context_env(context_id: str) -> dict[str, str]:
+    return {
+        "CONTEXTS_BUCKET_NAME": BUCKET,
+        "CONTEXT_ID": context_id,
+        "CONTEXT_S3_KEY": f"{PROJECT}/{context_id}/profile.tar.gz",
+        "CONTEXT_PERSIST": "true",
+    }
+
+
+def test_browser_state_survives_to_the_next_session(aws_endpoint: str, page_url: str) -> None:
+    """Cookies (persistent and session), localStorage and IndexedDB set 1 s before SIGTERM come back."""
+    boto_client("s3", aws_endpoint).create_bucket(Bucket=BUCKET)
+    env = _context_env("ctx_roundtrip")
+    with run_controller(aws_endpoint, env=env) as first:
+        with sync_playwright() as p:
+            browser = p.chromium.connect_over_cdp(first.ws_url())
+            page = browser.contexts[0].pages[0]
+            page.goto(page_url)
+            assert page.evaluate("save()") is True
+            time.sleep(1)
+            assert first.stop(signal.SIGTERM) == 0
+        first.wait_event("profile_persisted", outcome="uploaded")
+    with run_controller(aws_endpoint, env=env) as second:
+        second.wait_event("profile_restored", outcome="restored")
+        with sync_playwright() as p:
+            browser = p.chromium.connect_over_cdp(second.ws_url())
+            page = browser.contexts[0].pages[0]
+            page.goto(page_url)
+            state = page.evaluate("load()")
+            browser.close()
+    assert "persistent=p-value" in state["cookies"]
+    assert "session=s-value" in state["cookies"]
+    assert state["local"] == "ls-value"
+    assert state["idb"] == "idb-value"
+
+
+def test_upload_failure_keeps_stop_budget(aws_endpoint: str) -> None:
+    """With the bucket gone at shutdown the controller still exits cleanly inside STOP_TIMEOUT."""
+    s3 = boto_client("s3", aws_endpoint)
+    s3.create_bucket(Bucket=BUCKET)
+    with run_controller(aws_endpoint, env=_context_env("ctx_nobucket")) as controller:
+        s3.delete_bucket(Bucket=BUCKET)
+        started = time.monotonic()
+        assert controller.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 30
+        controller.wait_event("profile_persisted", outcome="failed")
+
+
+class _CountingRelay:
+    """A TCP relay in front of moto that counts DynamoDB UpdateItem requests passing through."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.update_items = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
+        with source, sink:
+            while data := self._recv(source):
+                if count:
+                    with self._lock:
+                        self.update_items += data.count(b"DynamoDB_20120810.UpdateItem")
+                sink.sendall(data)
+
+    @staticmethod
+    def _recv(sock: socket.socket) -> bytes:
+        try:
+            return sock.recv(65536)
+        except OSError:
+            return b""
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_one_update_per_heartbeat_and_transition(aws_endpoint: str) -> None:
+    """Over a session: one UpdateItem per heartbeat interval plus one per transition, nothing more."""
+    relay = _CountingRelay(int(aws_endpoint.rsplit(":", 1)[1]))
+    try:
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}", "CDP_HEALTH_CHECK_INTERVAL": "1"}
+        with run_controller(aws_endpoint, env=env) as controller:
+            ready_at = time.monotonic()
+            time.sleep(5.2)
+            assert controller.stop(signal.SIGTERM) == 0
+            elapsed = time.monotonic() - ready_at
+        heartbeats = sum(1 for e in controller.events if e.get("event") == "heartbeat_failed")
+        assert heartbeats == 0
+        # READY, TERMINATING and STOPPED, plus one heartbeat a second while serving.
+        assert 3 + int(elapsed) - 1 <= relay.update_items <= 3 + int(elapsed) + 1
+    finally:
+        relay.close()
