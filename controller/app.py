@@ -152,7 +152,7 @@ async def run(
         )
         outer.start_soon(_follow_trigger, shutdown_trigger, stop)
         try:
-            code = await _session(config, environ, metrics, health, stop, status)
+            code = await _session(_Run(config, environ, metrics, health, stop, status))
         finally:
             outer.cancel_scope.cancel()
     log.info("controller_exit", code=code, reason=stop.reason, seconds=round(time.monotonic() - started, 3))
@@ -181,15 +181,21 @@ async def _signing_keys(config: Config) -> list[bytes]:
         return await fetch_signing_keys(client, config.signing_secret_arn)
 
 
-async def _session(
-    config: Config,
-    environ: Mapping[str, str],
-    metrics: Metrics,
-    health: Health,
-    stop: _Stop,
-    status: AppStatus,
-) -> int:
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """What every step of one run shares."""
+
+    config: Config
+    environ: Mapping[str, str]
+    metrics: Metrics
+    health: Health
+    stop: _Stop
+    status: AppStatus
+
+
+async def _session(run: _Run) -> int:
     """Start everything in order, serve until a stop is decided, then unwind in reverse order."""
+    config, metrics, health, stop = run.config, run.metrics, run.health, run.stop
     budget = config.shutdown
     code = EXIT_OK
     async with AsyncExitStack() as stack:
@@ -210,7 +216,7 @@ async def _session(
         final = _Final(store, sampler, metrics, stop, budget.final_write)
         stack.push_async_callback(final.write)
         try:
-            await _serve(config, environ, metrics, health, stop, status, stack, store, sampler)
+            await _serve(run, stack, store, sampler)
         except ConfigError as exc:
             log.error("config_invalid", problems=exc.problems)
             stop.set("config_invalid", failed=True)
@@ -280,17 +286,9 @@ class _Final:
             log.error("session_write_failed", step="final", error="timeout")
 
 
-async def _serve(
-    config: Config,
-    environ: Mapping[str, str],
-    metrics: Metrics,
-    health: Health,
-    stop: _Stop,
-    status: AppStatus,
-    stack: AsyncExitStack,
-    store: SessionStore,
-    sampler: UsageSampler,
-) -> None:
+async def _serve(run: _Run, stack: AsyncExitStack, store: SessionStore, sampler: UsageSampler) -> None:
+    """Start the parts in order (each registered on ``stack``), then serve until a stop is decided."""
+    config, metrics, health, stop, status = run.config, run.metrics, run.health, run.stop, run.status
     budget = config.shutdown
     keys = await _signing_keys(config)
     verifier = TokenVerifier(
@@ -336,7 +334,7 @@ async def _serve(
         user_data_dir,
         workdir / "tmp",
         metrics,
-        environ=environ,
+        environ=run.environ,
         close_timeout=budget.chrome_close,
     )
     persist = config.context is not None and config.context.persist
