@@ -71,10 +71,19 @@ class _Stop:
 
     def __init__(self) -> None:
         self.event = anyio.Event()
-        self.hurried = anyio.Event()
         self.reason = ""
         self.failed = False
         self.timed_out = False
+        self._hurry_callbacks: list[Callable[[], None]] = []
+
+    def on_hurry(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` if a second signal asks to hurry the shutdown."""
+        self._hurry_callbacks.append(callback)
+
+    def hurry(self) -> None:
+        log.warning("shutdown_hurried")
+        for callback in self._hurry_callbacks:
+            callback()
 
     def set(self, reason: str, *, failed: bool = False, timed_out: bool = False) -> None:
         if self.event.is_set():
@@ -160,10 +169,10 @@ async def run(
 
 
 async def _follow_trigger(trigger: ShutdownTrigger, stop: _Stop) -> None:
+    # Lives in the outer task group, so a second signal is heard during the shutdown steps too.
     stop.set(await trigger())
     await trigger()
-    log.warning("shutdown_hurried")
-    stop.hurried.set()
+    stop.hurry()
 
 
 def _aws_kwargs(config: Config) -> dict[str, Any]:
@@ -320,12 +329,10 @@ async def _serve(run: _Run, stack: AsyncExitStack, store: SessionStore, sampler:
         if restored is None or stop.event.is_set():
             return
         log.info("profile_restored", outcome=restored.outcome, reason=restored.reason, bytes=restored.bytes)
-        if restored.outcome in {"rejected", "failed"}:
-            await _record(
-                store,
-                "ProfileRestoreRejected",
-                {"outcome": restored.outcome, "reason": restored.reason or ""},
-            )
+        # Every outcome is recorded: a fresh profile (missing, rejected, failed) is news to the customer.
+        await _record(
+            store, "ContextRestored", {"outcome": restored.outcome, "reason": restored.reason or ""}
+        )
     else:
         user_data_dir.mkdir(parents=True, exist_ok=True)
 
@@ -364,6 +371,7 @@ async def _serve(run: _Run, stack: AsyncExitStack, store: SessionStore, sampler:
         drain_timeout=budget.proxy_drain,
     )
     await stack.enter_async_context(_Timed(proxy, "proxy_drain", metrics))
+    stop.on_hurry(proxy.abort_all)  # a second signal: stop waiting for clients' close replies
     status.proxy_port = proxy.port
     health.proxy_listening = True
 
@@ -386,7 +394,6 @@ async def _serve(run: _Run, stack: AsyncExitStack, store: SessionStore, sampler:
         tg.start_soon(_idle_timer, activity, item, stop, config)
         tg.start_soon(_deadline, item, stop)
         tg.start_soon(_mark_active, activity, store, metrics, item, stop)
-        tg.start_soon(_abort_on_hurry, proxy, stop)
         await stop.event.wait()
         tg.cancel_scope.cancel()
 
@@ -410,11 +417,6 @@ class _Timed(Generic[T]):
     ) -> bool | None:
         with self.metrics.shutdown_step(self.step):
             return await self.resource.__aexit__(exc_type, exc, tb)
-
-
-async def _abort_on_hurry(proxy: CdpProxy, stop: _Stop) -> None:
-    await stop.hurried.wait()
-    proxy.abort_all()
 
 
 async def _record(store: SessionStore, event_type: str, detail: dict[str, str]) -> None:

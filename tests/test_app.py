@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -131,3 +132,26 @@ def test_chrome_death_fails_the_session(aws_endpoint: str) -> None:
         os.kill(pid, signal.SIGKILL)
         assert controller.process.wait(timeout=30) == 1
         assert _status(controller.item()) == ("FAILED", "ERROR")
+
+
+def test_second_signal_hurries_the_shutdown(aws_endpoint: str) -> None:
+    """A second SIGTERM stops waiting for a client that never answers the close, and still exits 0."""
+    env = {"CDP_DRAIN_TIMEOUT": "30", "STOP_TIMEOUT": "60"}
+    with run_controller(aws_endpoint, env=env) as controller:
+        with socket.create_connection(("127.0.0.1", controller.proxy_port)) as silent:
+            silent.sendall(
+                f"GET /?signingKey={controller.token()} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            assert silent.recv(4096).startswith(b"HTTP/1.1 101")
+            controller.wait_event("cdp_connected")
+            started = time.monotonic()
+            controller.process.send_signal(signal.SIGTERM)
+            controller.wait_event("shutdown_started")
+            time.sleep(0.5)
+            controller.process.send_signal(signal.SIGTERM)
+            assert controller.process.wait(timeout=20) == 0
+            assert time.monotonic() - started < 15
+        controller.wait_event("shutdown_hurried")
+        assert _status(controller.item()) == ("STOPPED", "COMPLETED")
