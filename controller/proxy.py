@@ -28,7 +28,7 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import anyio
@@ -276,9 +276,10 @@ class _Side(asyncio.Protocol):
         self.tracker = FrameTracker()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
+        # A stream transport by construction (TCP); a cast, not isinstance, so other loops' transports
+        # (uvloop's do not subclass asyncio.Transport) work too.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
 
     def data_received(self, data: bytes) -> None:
         if self.peer is not None:
