@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import signal
 import socket
 import threading
@@ -175,5 +176,69 @@ def test_one_update_per_heartbeat_and_transition(aws_endpoint: str) -> None:
         assert heartbeats == 0
         # READY, TERMINATING and STOPPED, plus one heartbeat a second while serving.
         assert 3 + int(elapsed) - 1 <= relay.update_items <= 3 + int(elapsed) + 1
+    finally:
+        relay.close()
+
+
+class _SlowRelay:
+    """A TCP relay in front of moto that delivers responses at ``rate`` bytes per second."""
+
+    def __init__(self, upstream_port: int, rate: int) -> None:
+        self.upstream_port, self.rate = upstream_port, rate
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, 0), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, self.rate), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket, rate: int) -> None:
+        with source, sink:
+            while True:
+                try:
+                    data = source.recv(16384)
+                    if not data:
+                        return
+                    sink.sendall(data)
+                except OSError:
+                    return
+                if rate:
+                    time.sleep(len(data) / rate)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_sigterm_during_restore_aborts_cleanly(aws_endpoint: str) -> None:
+    """SIGTERM mid-download: Chromium never starts, nothing is uploaded, the stored object is intact."""
+    s3 = boto_client("s3", aws_endpoint)
+    s3.create_bucket(Bucket=BUCKET)
+    env = _context_env("ctx_slow")
+    stored = os.urandom(8 * 1024 * 1024)
+    s3.put_object(Bucket=BUCKET, Key=env["CONTEXT_S3_KEY"], Body=stored)
+    relay = _SlowRelay(int(aws_endpoint.rsplit(":", 1)[1]), rate=1024 * 1024)
+    try:
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{relay.port}"
+        with run_controller(aws_endpoint, env=env, wait_ready=False) as controller:
+            controller.wait_event("metrics_listening")
+            time.sleep(2)  # well inside the ~8 s download
+            started = time.monotonic()
+            assert controller.stop(signal.SIGTERM) == 0
+            assert time.monotonic() - started < 10
+        events = {e.get("event") for e in controller.events}
+        assert "profile_restored" not in events, "the stop landed after the download"
+        assert "chrome_starting" not in events
+        assert "profile_persisted" not in events
+        assert s3.get_object(Bucket=BUCKET, Key=env["CONTEXT_S3_KEY"])["Body"].read() == stored
+        item = controller.item()
+        assert item is not None and item["internalStatus"]["S"] == "STOPPED"
     finally:
         relay.close()
