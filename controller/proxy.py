@@ -530,6 +530,11 @@ class CdpProxy:
         except Exception:
             log.exception("proxy_connection_error")
         finally:
+            client = relay.client
+            if client.transport is not None and client.transport.is_closing() and not client.lost.is_set():
+                # An answer is still flushing (a large /json/protocol): let it, within the bound.
+                with anyio.move_on_after(self._config.handshake_timeout):
+                    await client.lost.wait()
             relay.abort()
             self._relays.discard(relay)
 

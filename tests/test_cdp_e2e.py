@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -538,6 +539,31 @@ async def test_json_protocol_passes_through(cdp: CdpStack) -> None:
     response = await http_request(cdp.port, "/json/protocol", headers=bearer(cdp.token()))
     assert response.status == 200
     assert any(domain["domain"] == "Page" for domain in response.json()["domains"])
+
+
+async def test_large_answer_reaches_a_slow_reader_whole(cdp: CdpStack) -> None:
+    """/json/protocol (1.6 MB) arrives whole when the client reads it slowly, through small buffers."""
+    request = f"GET /json/protocol HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {cdp.token()}\r\n\r\n"
+
+    def slow_reader() -> bytes:
+        sock = socket.socket()
+        # A small receive window (set before connecting) keeps most of the answer in the proxy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        with sock:
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", cdp.port))
+            sock.sendall(request.encode())
+            time.sleep(1.0)
+            received = bytearray()
+            while chunk := sock.recv(65536):
+                received += chunk
+            return bytes(received)
+
+    head, _, body = (await anyio.to_thread.run_sync(slow_reader)).partition(b"\r\n\r\n")
+    status, headers = httpio.parse_response_head(head)
+    assert status == 200
+    assert len(body) == int(headers["content-length"]) > 100_000
+    assert json.loads(body)["domains"]
 
 
 async def test_json_new_and_close_pass_through(cdp: CdpStack) -> None:
