@@ -93,7 +93,7 @@ def test_repository_switches_have_one_disable_features() -> None:
         "--remote-debugging-address=0.0.0.0",
         "--remote-debugging-pipe",
         "--user-data-dir=/tmp/elsewhere",
-        "--remote-allow-origins=*",
+        "--remote-allow-origins=http://127.0.0.1:9223",  # any value: the switch itself is refused
     ],
 )
 def test_owned_switches_refused(tmp_path: Path, switch: str) -> None:
