@@ -120,7 +120,7 @@ def test_keep_alive_ignores_idle(aws_endpoint: str) -> None:
     """A keepAlive session is not ended by the disconnect timeout."""
     env = {"CDP_DISCONNECT_TIMEOUT": "1", "CDP_FIRST_CONNECT_TIMEOUT": "1"}
     with run_controller(aws_endpoint, env=env, keep_alive=True) as controller:
-        controller.wait_event("idle_ignored_keep_alive", timeout=10)
+        controller.wait_event("idle_ignored_keep_alive", timeout=30)
         assert controller.process.poll() is None
         assert controller.stop() == 0
 
