@@ -123,16 +123,28 @@ def test_upload_failure_keeps_stop_budget(aws_endpoint: str) -> None:
         controller.wait_event("profile_persisted", outcome="failed")
 
 
-class _CountingRelay:
-    """A TCP relay in front of moto that counts DynamoDB UpdateItem requests passing through."""
+class _MotoRelay:
+    """A TCP relay in front of moto: counts UpdateItem requests, optionally slows responses.
 
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
+    Args:
+        endpoint: moto's URL.
+        rate: bytes per second for responses (0: as fast as they come).
+    """
+
+    def __init__(self, endpoint: str, *, rate: int = 0) -> None:
+        self.upstream_port = int(endpoint.rsplit(":", 1)[1])
+        self.rate = rate
         self.update_items = 0
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def __enter__(self) -> _MotoRelay:
         threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._listener.close()
 
     def _accept(self) -> None:
         while True:
@@ -144,30 +156,27 @@ class _CountingRelay:
             threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
         with source, sink:
-            while data := self._recv(source):
-                if count:
+            while True:
+                try:
+                    data = source.recv(16384)
+                    if not data:
+                        return
+                    sink.sendall(data)
+                except OSError:
+                    return
+                if requests:
                     with self._lock:
                         self.update_items += data.count(b"DynamoDB_20120810.UpdateItem")
-                sink.sendall(data)
-
-    @staticmethod
-    def _recv(sock: socket.socket) -> bytes:
-        try:
-            return sock.recv(65536)
-        except OSError:
-            return b""
-
-    def close(self) -> None:
-        self._listener.close()
+                elif self.rate:
+                    time.sleep(len(data) / self.rate)
 
 
 def test_one_update_per_heartbeat_and_transition(aws_endpoint: str) -> None:
     """Over a session: one UpdateItem per heartbeat interval plus one per transition, nothing more."""
-    relay = _CountingRelay(int(aws_endpoint.rsplit(":", 1)[1]))
-    try:
-        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}", "CDP_HEALTH_CHECK_INTERVAL": "1"}
+    with _MotoRelay(aws_endpoint) as relay:
+        env = {"AWS_ENDPOINT_URL": relay.url, "CDP_HEALTH_CHECK_INTERVAL": "1"}
         with run_controller(aws_endpoint, env=env) as controller:
             time.sleep(5.2)
             assert controller.stop(signal.SIGTERM) == 0
@@ -178,45 +187,6 @@ def test_one_update_per_heartbeat_and_transition(aws_endpoint: str) -> None:
         heartbeats = int((stopped - ready).total_seconds())
         # READY, TERMINATING and STOPPED, plus one heartbeat a second while serving.
         assert 3 + heartbeats - 1 <= relay.update_items <= 3 + heartbeats + 1
-    finally:
-        relay.close()
-
-
-class _SlowRelay:
-    """A TCP relay in front of moto that delivers responses at ``rate`` bytes per second."""
-
-    def __init__(self, upstream_port: int, rate: int) -> None:
-        self.upstream_port, self.rate = upstream_port, rate
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            threading.Thread(target=self._pipe, args=(client, upstream, 0), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, self.rate), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket, rate: int) -> None:
-        with source, sink:
-            while True:
-                try:
-                    data = source.recv(16384)
-                    if not data:
-                        return
-                    sink.sendall(data)
-                except OSError:
-                    return
-                if rate:
-                    time.sleep(len(data) / rate)
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 def test_sigterm_during_restore_aborts_cleanly(aws_endpoint: str) -> None:
@@ -226,9 +196,8 @@ def test_sigterm_during_restore_aborts_cleanly(aws_endpoint: str) -> None:
     env = _context_env("ctx_slow")
     stored = os.urandom(8 * 1024 * 1024)
     s3.put_object(Bucket=BUCKET, Key=env["CONTEXT_S3_KEY"], Body=stored)
-    relay = _SlowRelay(int(aws_endpoint.rsplit(":", 1)[1]), rate=1024 * 1024)
-    try:
-        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{relay.port}"
+    with _MotoRelay(aws_endpoint, rate=1024 * 1024) as relay:
+        env["AWS_ENDPOINT_URL"] = relay.url
         with run_controller(aws_endpoint, env=env, wait_ready=False) as controller:
             controller.wait_event("metrics_listening")
             time.sleep(2)  # well inside the ~8 s download
@@ -242,5 +211,3 @@ def test_sigterm_during_restore_aborts_cleanly(aws_endpoint: str) -> None:
         assert s3.get_object(Bucket=BUCKET, Key=env["CONTEXT_S3_KEY"])["Body"].read() == stored
         item = controller.item()
         assert item is not None and item["internalStatus"]["S"] == "STOPPED"
-    finally:
-        relay.close()
